@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import os
 
 import torch
@@ -334,3 +335,78 @@ def convert_checkpoint(path: str, preset: str | None = None):
     model = _build(kind, kwargs)
     load_original_state_dict(model, state_dict, preset=preset)
     return model.float().eval(), preset
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: guided-pipelines convert --checkpoint PATH.pt [--preset NAME | --config ARCH.json]
+#                               [--classifier PATH.pt [--classifier-preset NAME | --classifier-config ARCH.json]]
+#                               --output DIR
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="original .pt (or .safetensors) file, e.g. 64x64_diffusion.pt")
+    arch = parser.add_mutually_exclusive_group()
+    arch.add_argument("--preset", choices=sorted(PRESETS), help="released model (default: from the file name or keys)")
+    arch.add_argument(
+        "--config",
+        help="architecture of a checkpoint that is not a released one: a JSON file with 'kind' "
+        "(unet, superres or classifier) and the original constructor's keyword arguments",
+    )
+    parser.add_argument("--classifier", help="original classifier .pt to bundle for guidance")
+    carch = parser.add_mutually_exclusive_group()
+    carch.add_argument(
+        "--classifier-preset", choices=sorted(p for p in PRESETS if PRESETS[p]["kind"] == "classifier")
+    )
+    carch.add_argument("--classifier-config", help="like --config, for the --classifier checkpoint")
+    parser.add_argument("--output", required=True, help="folder to write (diffusers layout, safetensors)")
+
+
+def read_config(path: str) -> tuple[str, dict]:
+    """``(kind, constructor keywords)`` from an architecture JSON file (``{"kind": ..., **kwargs}``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"architecture config {path!r} does not exist")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"architecture config {path!r} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("kind") not in KINDS:
+        raise ValueError(
+            f"architecture config {path!r} must be a JSON object with \"kind\" one of {', '.join(KINDS)} "
+            "plus the original constructor's keyword arguments (image_size, model_channels, …)"
+        )
+    config = dict(config)
+    return config.pop("kind"), config
+
+
+def _convert(path: str, preset: str | None, config: str | None):
+    """``(model, label)``: a checkpoint converted through a preset or an explicit architecture config."""
+    if config is None:
+        return convert_checkpoint(path, preset)
+    kind, kwargs = read_config(config)
+    return model_from_original(kind, load_checkpoint(path), **kwargs), os.path.basename(config)
+
+
+def run(args) -> int:
+    model, label = _convert(args.checkpoint, args.preset, args.config)
+    classifier = None
+    if args.classifier_preset or args.classifier_config:
+        if not args.classifier:
+            raise ValueError("--classifier-preset/--classifier-config need --classifier PATH")
+    if args.classifier:
+        if isinstance(model, ADMClassifierModel):
+            raise ValueError(f"{args.checkpoint!r} is a classifier itself; --classifier bundles one with a diffusion model")
+        classifier, clabel = _convert(args.classifier, args.classifier_preset, args.classifier_config)
+        if not isinstance(classifier, ADMClassifierModel):
+            raise ValueError(f"{args.classifier!r} is a diffusion model ({clabel}), not a classifier")
+    write_converted(model, label, args.output, classifier=classifier)
+    print(f"converted {args.checkpoint} ({label}) -> {args.output}")
+    return 0
+
+
+def write_converted(model, preset: str | None, output: str, classifier=None) -> None:
+    """Save a converted model (diffusers layout, safetensors) and, under ``classifier/``, an optional
+    classifier. ``preset`` (the preset or config name) is only reported, not stored."""
+    model.save_pretrained(output, safe_serialization=True)
+    if classifier is not None:
+        classifier.save_pretrained(os.path.join(output, "classifier"), safe_serialization=True)
