@@ -2,21 +2,21 @@
 downsampling half of the ADM UNet followed by a pooling head."""
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
+# diffusers' pipeline loader looks a component's base class up by name in the component's module.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from torch import nn
 
+from .modeling_adm import ADMModelMixin
 from .blocks import AttentionPool2d, build_encoder, normalization, run_block, timestep_embedding
 
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
-class ADMClassifierModel(ModelMixin, ConfigMixin):
+class ADMClassifierModel(ADMModelMixin):
     """Half-UNet classifier on noisy images. ``pool``: ``"attention"`` (the released classifiers),
     ``"adaptive"`` (global average), ``"spatial"``/``"spatial_v2"`` (MLP on the spatial means of every
     block's output). ``forward(sample, timestep)`` returns logits (N, num_classes)."""
-
-    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(

@@ -3,11 +3,13 @@ variant ADM-U (Appendix A)."""
 
 import torch
 import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
+# diffusers' pipeline loader looks a component's base class up by name in the component's module.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from .modeling_adm import ADMModelMixin
 from .blocks import (
     AttentionBlock,
     ResBlock,
@@ -20,7 +22,7 @@ from .blocks import (
 )
 
 
-class ADMUNet2DModel(ModelMixin, ConfigMixin):
+class ADMUNet2DModel(ADMModelMixin):
     r"""The ADM UNet ε_θ(x_t, t, y).
 
     Predicts the noise ε (first ``in_channels`` outputs) and, with ``out_channels = 2·in_channels``,
@@ -29,8 +31,6 @@ class ADMUNet2DModel(ModelMixin, ConfigMixin):
     the feature map is ``sample_size / ds``); ``channel_mult`` may be fractional (the 512 model starts
     at 0.5). Parameter names match the original checkpoints.
     """
-
-    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(

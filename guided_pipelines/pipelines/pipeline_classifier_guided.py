@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -78,6 +79,7 @@ def denoise(
     scheduler = pipe.scheduler
     timesteps = scheduler.timesteps
     is_adm = isinstance(scheduler, ADMScheduler)
+    accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
     if isinstance(step_noise, torch.Tensor):
         expected = (len(timesteps), *latents.shape)
         if tuple(step_noise.shape) != expected:
@@ -110,7 +112,8 @@ def denoise(
                 if gradient is not None:
                     alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(t)].float()
                     eps = eps - (1 - alpha_bar).sqrt() * gradient
-                out = scheduler.step(eps, t, latents, generator=generator)
+                extra = {"generator": generator} if accepts_generator else {}
+                out = scheduler.step(eps, t, latents, **extra)
             latents = out.prev_sample
             if callback_on_step_end is not None:
                 available = {"latents": latents}
