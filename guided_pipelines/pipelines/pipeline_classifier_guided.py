@@ -131,19 +131,27 @@ class ClassifierGuidedPipeline(DiffusionPipeline):
 
     Components: ``unet`` (:class:`ADMUNet2DModel`), ``scheduler`` (:class:`ADMScheduler`, or a
     diffusers solver such as DDIM / DPM-Solver++ / UniPC), optional ``classifier``
-    (:class:`ADMClassifierModel`). ``id2label`` maps class ids to names ("tench, Tinca tinca");
-    it is saved in ``model_index.json``.
+    (:class:`ADMClassifierModel`). ``id2label`` maps class ids to names ("tench, Tinca tinca") and
+    ``recommended_classifier_scale`` records the scale the model was published with (the CLI's
+    default); both are saved in ``model_index.json``.
     """
 
     model_cpu_offload_seq = "classifier->unet"
     _optional_components = ["classifier"]
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
 
-    def __init__(self, unet, scheduler, classifier=None, id2label: dict | None = None):
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        classifier=None,
+        id2label: dict | None = None,
+        recommended_classifier_scale: float | None = None,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
         id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
-        self.register_to_config(id2label=id2label or None)
+        self.register_to_config(id2label=id2label or None, recommended_classifier_scale=recommended_classifier_scale)
         self._check_components()
 
     @property
