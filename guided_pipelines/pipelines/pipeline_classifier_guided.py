@@ -15,6 +15,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .. import models as _models  # noqa: F401  (diffusers loads components only from imported modules)
 from ..schedulers.scheduling_adm import ADMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

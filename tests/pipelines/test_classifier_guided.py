@@ -276,3 +276,18 @@ def test_pipeline_moves_with_to(tiny_pipeline):
     assert pipe.unet.dtype == torch.bfloat16 and pipe.classifier.dtype == torch.bfloat16
     out = pipe(class_labels=[0], num_inference_steps=2, output_type="latent").images
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_from_pretrained_in_a_fresh_interpreter(tiny_pipeline, tmp_path):
+    """Loading needs no prior import of the model classes (diffusers only loads imported modules)."""
+    import subprocess
+    import sys
+
+    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    code = (
+        "from guided_pipelines import ClassifierGuidedPipeline as P; "
+        f"p = P.from_pretrained({str(tmp_path / 'pipe')!r}); print(type(p.unet).__name__, type(p.classifier).__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ADMUNet2DModel", "ADMClassifierModel"]
