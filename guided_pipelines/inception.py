@@ -126,7 +126,7 @@ def _build_extractor(weights_path: str | None):
         return fe.FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
         )
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # OSError/RuntimeError, or an unpickling error for a corrupt file
         if weights_path is None:
             raise FileNotFoundError(
                 f"could not download the Inception weights from {INCEPTION_URL} ({err}); download the file "

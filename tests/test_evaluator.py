@@ -261,3 +261,12 @@ def test_torchmetrics_fid_on_images(net):
     torch.testing.assert_close(sfid.fake_outer, spatial.double().T @ spatial.double())
     with pytest.raises(ValueError, match="no reference statistics"):
         fid.compute()
+
+
+def test_corrupt_inception_weights_file_is_a_clear_error(tmp_path):
+    from guided_pipelines.inception import _build_extractor
+
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="is not a torch-fidelity Inception-v3 state_dict"):
+        _build_extractor(str(bad))

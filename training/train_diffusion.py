@@ -6,7 +6,8 @@ The objective is L_hybrid = L_simple + λ·L_vlb (Nichol & Dhariwal 2021, Eq. 16
 losses``) with a learned variance, L_simple alone with a fixed one. AdamW with the original linear lr
 anneal, float32 EMA at one or more rates, microbatches, bf16/fp16 via accelerate, gradient
 checkpointing, exact resume (``--resume_from_checkpoint latest``), rotation, non-finite step guard,
-tensorboard. ``--batch_size`` is the GLOBAL batch: the result does not depend on the process count.
+tensorboard, FID / sFID of EMA samples every ``--eval_every`` steps (``eval/fid``, ``eval/sfid``).
+``--batch_size`` is the GLOBAL batch: the result does not depend on the process count.
 The EMA weights are written as pipeline folders ``OUTPUT/ema_RATE`` (raw weights: ``OUTPUT/model``),
 loadable with ``ClassifierGuidedPipeline.from_pretrained``. Run with ``--help`` for every flag."""
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule_sampler", choices=["uniform", "loss-second-moment"], default="uniform")
     g.add_argument("--low_res_size", type=int, default=None, help="super-res: conditioning size (default: the model's)")
     g.add_argument("--ema_rates", type=tu.float_list, default=[0.9999], help="comma-separated, e.g. 0.9999,0.999")
+    tu.add_fid_arguments(parser)
     return parser
 
 
@@ -57,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("config key 'model' must be a mapping (preset: NAME and/or model keywords)")
     if args.low_res_size is not None and args.low_res_size < 1:
         parser.error(f"--low_res_size must be positive, got {args.low_res_size}")
+    tu.check_fid_arguments(args, parser)
     return args
 
 
@@ -113,6 +116,8 @@ def main(argv=None) -> int:
     if superres and not low_res_size:
         raise ValueError("super-res training needs --low_res_size (or low_res_size in the model config)")
     class_cond = model.config.num_classes is not None
+    # FID monitoring: Inception network and reference statistics load now, so a bad file stops the run here.
+    monitor = tu.FIDMonitor(args, accelerator, scheduler, model.config, superres) if args.eval_every else None
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -248,6 +253,14 @@ def main(argv=None) -> int:
             batches = iter(tu.make_train_loader(dataset, args, accelerator, local_batch, state.step, state.stream_positions))
             bar.n = state.step
             continue
+
+        if monitor is not None and (state.step % args.eval_every == 0 or state.step == max_steps):
+            # before the checkpoint of this step: a run killed in between redoes the step and its evaluation
+            values = monitor.evaluate(unwrapped, ema)
+            metrics.log(values, state.step)
+            logger.info("step %d: FID %.4f, sFID %.4f (%d samples, %s, %.1f s)", state.step, values["eval/fid"],
+                        values["eval/sfid"], values["eval/num_samples"], args.eval_respacing, values["eval/seconds"])
+            clock.tick(0)  # the evaluation time does not count against images/s
 
         due = due or state.step % args.checkpointing_steps == 0
         if due and state.consecutive_bad and state.step != max_steps:

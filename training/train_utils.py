@@ -38,6 +38,10 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Test hook: "kill@K" SIGKILLs the process when step K is complete (after its checkpoint, if one is
 # due); "nan@S1,S2,…" makes the loss of those (0-based) steps NaN once each. Used by tests/training.
 FAULTS_ENV = "GUIDED_PIPELINES_TEST_FAULTS"
+# guided_pipelines.inception.INCEPTION_URL, repeated so that flag parsing needs no torch-fidelity import
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -824,3 +828,285 @@ def setup_logging(accelerator) -> None:
     )
     for noisy in ("datasets", "PIL", "accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------------------------------
+# FID monitoring (train_diffusion.py --eval_every)
+
+
+def add_fid_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the periodic FID / sFID monitor (:class:`FIDMonitor`)."""
+    g = parser.add_argument_group("FID monitoring")
+    g.add_argument("--eval_every", type=int, default=0,
+                   help="every N steps (and at the last step) sample the first EMA weights and log eval/fid and "
+                        "eval/sfid (0: off)")
+    g.add_argument("--eval_num_samples", type=int, default=2000, help="samples per evaluation, all processes together")
+    g.add_argument("--eval_batch_size", type=int, default=128, help="per-process batch for sampling and Inception")
+    g.add_argument("--eval_inception_weights", default=None,
+                   help="torch-fidelity's Inception-v3 weights file weights-inception-2015-12-05-6726825d.pth "
+                        "(None: download it)")
+    g.add_argument("--eval_reference", default=None,
+                   help="reference batch .npz in the original format (arr_0 uint8 NHWC and/or stored mu, sigma, "
+                        "mu_s, sigma_s); None: --eval_num_samples images of --dataset")
+    g.add_argument("--eval_reference_split", default=None,
+                   help="without --eval_reference: the split of --dataset to take reference images from "
+                        "(None: --dataset_split; e.g. validation for held-out images)")
+    g.add_argument("--eval_respacing", default="ddim25",
+                   help="sampling steps, the original strings: 'ddimN' samples with DDIM (eta 0), 'N' ancestrally")
+    g.add_argument("--eval_fid_method", choices=["eigh", "sqrtm"], default="eigh",
+                   help="eigh: the same Fréchet distance from symmetric eigenvalues (seconds); sqrtm: the "
+                        "original evaluator's scipy sqrtm (minutes on one CPU thread)")
+
+
+def check_fid_arguments(args, parser) -> None:
+    if args.eval_every < 0:
+        parser.error(f"--eval_every must be ≥ 0 (0: no FID monitoring), got {args.eval_every}")
+    if not args.eval_every:
+        return
+    if args.eval_num_samples < 2:
+        parser.error(f"--eval_num_samples must be ≥ 2 (FID needs a covariance), got {args.eval_num_samples}")
+    if args.eval_batch_size < 1:
+        parser.error(f"--eval_batch_size must be positive, got {args.eval_batch_size}")
+    if args.eval_inception_weights is not None and not os.path.isfile(args.eval_inception_weights):
+        parser.error(
+            f"--eval_inception_weights {args.eval_inception_weights!r} not found; download {INCEPTION_URL} and pass "
+            "its path (or leave the flag out to download it), or set --eval_every 0"
+        )
+    if args.eval_reference is not None and not os.path.isfile(args.eval_reference):
+        parser.error(
+            f"--eval_reference {args.eval_reference!r} not found; pass a reference batch .npz (e.g. the released "
+            "VIRTUAL_imagenet64_labeled.npz) or leave the flag out to use images of --dataset"
+        )
+
+
+class preserved_rng:
+    """Context manager restoring the global torch (CPU and current CUDA device), numpy and ``random``
+    generators on exit, so evaluation cannot shift any random stream the training loop reads."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        import random
+
+        self._python = random.getstate()
+        self._numpy = np.random.get_state()
+        self._torch = torch.get_rng_state()
+        self._cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return self
+
+    def __exit__(self, *exc):
+        import random
+
+        random.setstate(self._python)
+        np.random.set_state(self._numpy)
+        torch.set_rng_state(self._torch)
+        if self._cuda is not None:
+            torch.cuda.set_rng_state(self._cuda, self.device)
+        return False
+
+
+def inception_uint8(images: torch.Tensor, data: bool = False) -> torch.Tensor:
+    """Model-space images (N, C, H, W) in [-1, 1] → uint8 (N, 3, H, W) for the Inception network,
+    grayscale repeated to RGB. Samples are converted as the original export does,
+    ``((x + 1) * 127.5).clamp(0, 255)`` truncated; dataset images (``data=True``, which are
+    ``u / 127.5 − 1`` of uint8 ``u``) are rounded instead, which recovers ``u`` exactly."""
+    x = ((images.float() + 1) * 127.5).clamp(0, 255)
+    out = (x.round() if data else x).to(torch.uint8)
+    if out.shape[1] == 1:
+        out = out.repeat(1, 3, 1, 1)
+    elif out.shape[1] != 3:
+        raise ValueError(f"FID needs 1- or 3-channel images, got {out.shape[1]} channels")
+    return out.contiguous()
+
+
+class FIDMonitor:
+    """FID and sFID of samples from the EMA weights, every ``--eval_every`` steps.
+
+    Built before training starts (so a bad weights file or reference stops the run at once): loads
+    the ADM evaluator's Inception network (``guided_pipelines.inception``) and the reference
+    statistics -- stored ``mu``/``sigma``/``mu_s``/``sigma_s`` of ``--eval_reference``, else the
+    features of its ``arr_0`` images, else of ``--eval_num_samples`` images of the training data
+    (a seeded random subset, center-cropped, not flipped) -- into torchmetrics
+    ``ADMFrechetInceptionDistance`` / ``ADMSpatialFrechetInceptionDistance`` metrics that keep the
+    real statistics across evaluations.
+
+    :meth:`evaluate` samples ``--eval_num_samples`` images with a ``ClassifierGuidedPipeline`` on the
+    first EMA weights (``classifier_scale=0``); sample ``i``'s label, x_T and step noise come from
+    ``(seed, i)`` (``guided_pipelines.generation.SampleNoise``), the same at every evaluation and for
+    any process count; process ``r`` generates the contiguous share ``[N·r/W, N·(r+1)/W)``; the
+    metrics sum the feature statistics across processes. The global random generators are restored
+    afterwards and the model, EMA and data loader are only read, so training with and without
+    ``--eval_every`` gives the same weights."""
+
+    def __init__(self, args, accelerator, scheduler, model_config, superres: bool = False):
+        if superres:
+            raise ValueError(
+                "--eval_every (FID monitoring) samples base models with ClassifierGuidedPipeline; a super-resolution "
+                "model needs low-resolution inputs: evaluate it with ADMUpsamplePipeline after training, or set "
+                "--eval_every 0"
+            )
+        try:
+            from guided_pipelines import evaluator, inception
+            from guided_pipelines.schedulers import ADMScheduler
+            from guided_pipelines.schedulers.scheduling_adm import space_timesteps
+        except ImportError as err:
+            raise ValueError(
+                f"--eval_every needs the evaluation extras ({err}): pip install -e '.[eval]' "
+                "(torch-fidelity, torchmetrics, scipy), or set --eval_every 0"
+            ) from err
+        self.args, self.accelerator = args, accelerator
+        self.device = accelerator.device
+        # float64 statistics: on the accelerator for NCCL sync when it is CUDA, else on the CPU (gloo).
+        self.metric_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        self.channels, self.size = model_config.in_channels, model_config.sample_size
+        if self.channels not in (1, 3):
+            raise ValueError(f"--eval_every: FID needs 1- or 3-channel images, the model makes {self.channels}")
+        self.num_classes = model_config.num_classes
+        self.respacing = str(args.eval_respacing)
+        self.use_ddim = self.respacing.startswith("ddim")
+        T = scheduler.config.num_train_timesteps
+        try:
+            space_timesteps(T, self.respacing)
+        except ValueError as err:
+            raise ValueError(f"--eval_respacing: {err}") from err
+        self.scheduler = ADMScheduler.from_config(scheduler.config)  # set_timesteps must not touch training's
+        self.seed = mix_seed(args.seed, 7)
+        self.num_samples = args.eval_num_samples
+        W, r = accelerator.num_processes, accelerator.process_index
+        self.share = (self.num_samples * r // W, self.num_samples * (r + 1) // W)
+
+        with preserved_rng(self.device):
+            weights = args.eval_inception_weights
+            try:
+                with accelerator.main_process_first():  # one process downloads the default weights
+                    self.extractor = inception.ADMInception(weights)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(str(err).replace("--inception-weights", "--eval_inception_weights")) from err
+            except ValueError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a corrupt file raises pickle/zip errors
+                if weights is None:
+                    raise
+                raise ValueError(
+                    f"--eval_inception_weights {weights!r} cannot be loaded as torch-fidelity's Inception-v3 weights "
+                    f"({type(err).__name__}: {err}); download {inception.INCEPTION_URL}"
+                ) from err
+            self.extractor = self.extractor.to(self.device).eval()
+            pool_ref, spatial_ref, reader = None, None, None
+            if args.eval_reference:
+                reader = evaluator.open_images(args.eval_reference, role="reference", require=False)
+                pool_ref, spatial_ref = evaluator._stored_statistics(reader, "reference")
+                if (pool_ref is None or spatial_ref is None) and not reader.present:
+                    raise ValueError(
+                        f"--eval_reference {args.eval_reference}: no arr_0 images and no stored mu/sigma and "
+                        "mu_s/sigma_s; pass a reference batch in the original format"
+                    )
+            kwargs = dict(reset_real_features=False, fid_method=args.eval_fid_method)
+            self.fid = inception.ADMFrechetInceptionDistance(
+                reference=None if pool_ref is None else tuple(pool_ref), **kwargs).to(self.metric_device)
+            self.sfid = inception.ADMSpatialFrechetInceptionDistance(
+                reference=None if spatial_ref is None else tuple(spatial_ref), **kwargs).to(self.metric_device)
+            need = [m for m, ref in ((self.fid, pool_ref), (self.sfid, spatial_ref)) if ref is None]
+            if need:
+                batches = self._npz_batches(reader) if reader is not None else self._dataset_batches()
+                count = 0
+                for images in batches:
+                    self._update(need, images, real=True)
+                    count += len(images)
+                total = int(accelerator.reduce(torch.tensor([count], device=self.device), reduction="sum").item())
+                if total < 2:
+                    raise ValueError(f"--eval_every: only {total} reference image(s); FID needs at least 2")
+                where = args.eval_reference or f"{args.dataset} ({args.eval_reference_split or args.dataset_split})"
+                logger.info("FID reference: features of %d images of %s", total, where)
+            else:
+                logger.info("FID reference: stored statistics of %s", args.eval_reference)
+
+    # ---------------------------------------------------------------------------------------------
+    def _update(self, metrics, images_uint8: torch.Tensor, real: bool) -> None:
+        pool, spatial, _ = self.extractor(images_uint8.to(self.device))
+        for metric in metrics:
+            metric.update(features=pool if metric is self.fid else spatial, real=real)
+
+    def _npz_batches(self, reader):
+        """This process's share of ``arr_0`` (batch ``b`` goes to process ``b mod W``), uint8 NCHW."""
+        if reader.shape[1:3] != (self.size, self.size):
+            logger.warning("--eval_reference images are %dx%d, the model makes %dx%d: FID compares resolutions",
+                           reader.shape[1], reader.shape[2], self.size, self.size)
+        W, r = self.accelerator.num_processes, self.accelerator.process_index
+        for b, batch in enumerate(reader.batches(self.args.eval_batch_size)):
+            if b % W == r:
+                yield torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2)  # a copy: memmaps are read-only
+
+    def _dataset_batches(self):
+        """``--eval_num_samples`` images of the training data (another split with
+        ``--eval_reference_split``), without augmentation, this process's share, uint8 NCHW."""
+        from guided_pipelines.data import StreamingImageDataset, collate
+
+        args, acc = self.args, self.accelerator
+        with acc.main_process_first():
+            dataset = build_dataset(args, self.size, self.channels, False, acc, split=args.eval_reference_split,
+                                    random_crop=False, random_flip=False)
+        bs = args.eval_batch_size
+        if isinstance(dataset, StreamingImageDataset):  # already split by process: the first images of the stream
+            W, r = acc.num_processes, acc.process_index
+            want = self.num_samples * (r + 1) // W - self.num_samples * r // W
+            loader = torch.utils.data.DataLoader(dataset, batch_size=bs, collate_fn=collate, num_workers=0)
+            seen = 0
+            for batch in loader:
+                if seen >= want:
+                    break
+                images = batch["image"][: want - seen]
+                seen += len(images)
+                yield inception_uint8(images, data=True)
+            return
+        n = min(self.num_samples, len(dataset))
+        if n < self.num_samples:
+            logger.warning("FID reference: the dataset has %d images, fewer than --eval_num_samples %d", n,
+                           self.num_samples)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(mix_seed(args.seed, 9)))[:n]
+        W, r = acc.num_processes, acc.process_index
+        mine = [(int(i), 0) for i in order[n * r // W : n * (r + 1) // W]]
+        if not mine:
+            return
+        workers = args.dataloader_num_workers
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=bs, collate_fn=collate,
+                                             num_workers=workers, prefetch_factor=2 if workers else None)
+        for batch in loader:
+            yield inception_uint8(batch["image"], data=True)
+
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, ema: EMA) -> dict:
+        """FID and sFID of ``--eval_num_samples`` samples of the first EMA weights (the raw weights
+        without EMA rates); every process must call it. Returns the values to log."""
+        from guided_pipelines.generation import SampleNoise
+        from guided_pipelines.pipelines import ClassifierGuidedPipeline
+
+        start = time.perf_counter()
+        with preserved_rng(self.device):
+            unet = ema_copy(model, ema, ema.rates[0]) if ema.rates else float32_copy(model)
+            # accelerate's mixed-precision forward wrapper is copied along; sample in float32.
+            unet.__dict__.pop("forward", None)
+            unet.__dict__.pop("_original_forward", None)
+            unet.requires_grad_(False)
+            pipe = ClassifierGuidedPipeline(unet=unet, scheduler=self.scheduler, classifier=None)
+            pipe.set_progress_bar_config(disable=True)
+            self.fid.reset()
+            self.sfid.reset()
+            lo, hi = self.share
+            shape = (self.channels, self.size, self.size)
+            for a in range(lo, hi, self.args.eval_batch_size):
+                b = min(a + self.args.eval_batch_size, hi)
+                noise = SampleNoise(self.seed, range(a, b), shape, self.num_classes)
+                out = pipe(class_labels=noise.labels, num_images=b - a, classifier_scale=0.0, respacing=self.respacing,
+                           use_ddim=self.use_ddim, latents=noise.x_T, step_noise=noise.step_noise, output_type="latent")
+                self._update((self.fid, self.sfid), inception_uint8(out.images), real=False)
+            del pipe, unet
+            fid, sfid = float(self.fid.compute()), float(self.sfid.compute())
+            self.fid.reset()
+            self.sfid.reset()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"eval/fid": fid, "eval/sfid": sfid, "eval/num_samples": self.num_samples,
+                "eval/seconds": time.perf_counter() - start}

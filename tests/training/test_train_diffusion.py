@@ -2,6 +2,7 @@
 run equals an uninterrupted one bit for bit, non-finite steps are skipped and trigger a restore."""
 
 import json
+import math
 import signal
 
 import pytest
@@ -95,6 +96,68 @@ def test_killed_run_resumes_exactly(reference, tiny_data, tmp_path):
     for folder in FOLDERS:
         wa, wb = load_weights(reference / folder), load_weights(tmp_path / folder)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), folder
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A randomly initialised Inception-v3 saved like torch-fidelity's weights file (no download)."""
+    from guided_pipelines.inception import make_random_inception_weights
+
+    return make_random_inception_weights(str(tmp_path_factory.mktemp("inception") / "random.pth"), seed=0)
+
+
+def test_fid_monitoring_logs_fid_and_leaves_training_unchanged(reference, tiny_data, tmp_path, inception_weights):
+    """--eval_every 2: eval/fid and eval/sfid at steps 2, 4 and the last (5), equal to an independent
+    computation, and the same losses and weights, bit for bit, as the run without evaluation."""
+    run_script("train_diffusion.py", [*COMMON, "--dataset", tiny_data, "--output_dir", tmp_path,
+                                      "--dataloader_num_workers", 1, "--checkpoints_total_limit", 2,
+                                      "--eval_every", 2, "--eval_num_samples", 8, "--eval_batch_size", 5,
+                                      "--eval_inception_weights", inception_weights])
+    evals = [m for m in read_metrics(tmp_path) if "eval/fid" in m]
+    assert [m["step"] for m in evals] == [2, 4, 5]
+    for m in evals:
+        assert m["eval/num_samples"] == 8
+        assert math.isfinite(m["eval/fid"]) and m["eval/fid"] > 0
+        assert math.isfinite(m["eval/sfid"]) and m["eval/sfid"] > 0
+    assert train_rows(tmp_path) == train_rows(reference)
+    for folder in FOLDERS:
+        wa, wb = load_weights(reference / folder), load_weights(tmp_path / folder)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), folder
+
+    # Independent recomputation of the last evaluation: samples i = 0..7 of the saved first EMA weights
+    # with noise from (mix_seed(seed, 7), i), DDIM 25 steps; reference: 8 training images picked by a
+    # permutation seeded with mix_seed(seed, 9), center-cropped, unflipped.
+    import train_utils as tu
+
+    from guided_pipelines import ClassifierGuidedPipeline
+    from guided_pipelines.data import load_image_dataset
+    from guided_pipelines.generation import SampleNoise
+    from guided_pipelines.inception import ADMInception
+    from guided_pipelines.metrics import fid_from_features
+    from guided_pipelines.pipelines import to_uint8
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # several threads on a shared CPU are much slower here
+    try:
+        pipe = ClassifierGuidedPipeline.from_pretrained(tmp_path / "ema_0.9999")
+        pipe.set_progress_bar_config(disable=True)
+        noise = SampleNoise(tu.mix_seed(0, 7), range(8), (3, 16, 16), 3)
+        out = pipe(class_labels=noise.labels, classifier_scale=0, respacing="ddim25", use_ddim=True,
+                   latents=noise.x_T, step_noise=noise.step_noise, output_type="latent")
+        samples = to_uint8(out.images)  # NHWC uint8, the original export
+        data = load_image_dataset(str(tiny_data), image_size=16, class_cond=False, random_crop=False,
+                                  random_flip=False)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(tu.mix_seed(0, 9)))[:8]
+        real = torch.stack([data[(int(i), 0)]["image"] for i in order])
+        real = ((real + 1) * 127.5).round().to(torch.uint8)
+        net = ADMInception(inception_weights)
+        fake_pool, fake_spatial, _ = net(samples)
+        real_pool, real_spatial, _ = net(real)
+    finally:
+        torch.set_num_threads(threads)
+    assert evals[-1]["eval/fid"] == pytest.approx(fid_from_features(fake_pool, real_pool, method="eigh"), rel=1e-6)
+    assert evals[-1]["eval/sfid"] == pytest.approx(fid_from_features(fake_spatial, real_spatial, method="eigh"),
+                                                   rel=1e-6)
 
 
 def test_non_finite_steps_are_skipped_then_restored(tiny_data, tmp_path):
