@@ -329,7 +329,8 @@ def convert_checkpoint(path: str, preset: str | None = None):
         if preset is None:
             raise ValueError(
                 f"cannot tell which released model {path!r} is: its file name is not one of "
-                f"{', '.join(PRESETS)} and its keys match no preset; pass --preset"
+                f"{', '.join(PRESETS)} and its keys match no preset; pass --preset NAME, or --config ARCH.json "
+                "(kind + original constructor arguments) for an architecture of your own"
             )
     kind, kwargs = preset_kwargs(preset)
     model = _build(kind, kwargs)
@@ -344,7 +345,9 @@ def convert_checkpoint(path: str, preset: str | None = None):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="original .pt (or .safetensors) file, e.g. 64x64_diffusion.pt")
+    parser.add_argument(
+        "--checkpoint", required=True, help="original .pt (or .safetensors) file, e.g. 64x64_diffusion.pt"
+    )
     arch = parser.add_mutually_exclusive_group()
     arch.add_argument("--preset", choices=sorted(PRESETS), help="released model (default: from the file name or keys)")
     arch.add_argument(
@@ -358,7 +361,15 @@ def add_arguments(parser) -> None:
         "--classifier-preset", choices=sorted(p for p in PRESETS if PRESETS[p]["kind"] == "classifier")
     )
     carch.add_argument("--classifier-config", help="like --config, for the --classifier checkpoint")
-    parser.add_argument("--output", required=True, help="folder to write (diffusers layout, safetensors)")
+    parser.add_argument(
+        "--noise-schedule", choices=("linear", "cosine"), help="training schedule (default: the preset's or linear)"
+    )
+    parser.add_argument("--diffusion-steps", type=int, help="training diffusion steps (default: the preset's, or 1000)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder to write (diffusers layout, safetensors): a pipeline, or a model for a lone classifier",
+    )
 
 
 def read_config(path: str) -> tuple[str, dict]:
@@ -380,33 +391,83 @@ def read_config(path: str) -> tuple[str, dict]:
 
 
 def _convert(path: str, preset: str | None, config: str | None):
-    """``(model, label)``: a checkpoint converted through a preset or an explicit architecture config."""
+    """``(model, preset or None)``: a checkpoint converted through a preset or an architecture config."""
     if config is None:
         return convert_checkpoint(path, preset)
     kind, kwargs = read_config(config)
-    return model_from_original(kind, load_checkpoint(path), **kwargs), os.path.basename(config)
+    return model_from_original(kind, load_checkpoint(path), **kwargs), None
 
 
 def run(args) -> int:
-    model, label = _convert(args.checkpoint, args.preset, args.config)
+    if (args.classifier_preset or args.classifier_config) and not args.classifier:
+        raise ValueError("--classifier-preset/--classifier-config describe a --classifier PATH; pass it too")
+    model, preset = _convert(args.checkpoint, args.preset, args.config)
     classifier = None
-    if args.classifier_preset or args.classifier_config:
-        if not args.classifier:
-            raise ValueError("--classifier-preset/--classifier-config need --classifier PATH")
     if args.classifier:
         if isinstance(model, ADMClassifierModel):
-            raise ValueError(f"{args.checkpoint!r} is a classifier itself; --classifier bundles one with a diffusion model")
-        classifier, clabel = _convert(args.classifier, args.classifier_preset, args.classifier_config)
+            raise ValueError(
+                f"{args.checkpoint!r} is a classifier itself; --classifier bundles one with a diffusion model"
+            )
+        classifier, cpreset = _convert(args.classifier, args.classifier_preset, args.classifier_config)
         if not isinstance(classifier, ADMClassifierModel):
-            raise ValueError(f"{args.classifier!r} is a diffusion model ({clabel}), not a classifier")
-    write_converted(model, label, args.output, classifier=classifier)
-    print(f"converted {args.checkpoint} ({label}) -> {args.output}")
+            kind = cpreset or "by its config"
+            raise ValueError(f"{args.classifier!r} is a diffusion model ({kind}), not a classifier")
+    write_converted(
+        model, preset, args.output, classifier=classifier,
+        noise_schedule=args.noise_schedule, diffusion_steps=args.diffusion_steps,
+    )  # fmt: skip
+    source = preset or os.path.basename(args.config)
+    print(f"converted {args.checkpoint} ({source}) -> {args.output}")
     return 0
 
 
-def write_converted(model, preset: str | None, output: str, classifier=None) -> None:
-    """Save a converted model (diffusers layout, safetensors) and, under ``classifier/``, an optional
-    classifier. ``preset`` (the preset or config name) is only reported, not stored."""
-    model.save_pretrained(output, safe_serialization=True)
-    if classifier is not None:
-        classifier.save_pretrained(os.path.join(output, "classifier"), safe_serialization=True)
+def imagenet_labels() -> dict[int, str]:
+    """ImageNet-1k class id → WordNet synonyms ("tench, Tinca tinca"), from ``imagenet_labels.json``."""
+    with open(os.path.join(os.path.dirname(__file__), "imagenet_labels.json")) as f:
+        return dict(enumerate(json.load(f)))
+
+
+def write_converted(
+    model,
+    preset: str | None,
+    output: str,
+    classifier=None,
+    noise_schedule: str | None = None,
+    diffusion_steps: int | None = None,
+) -> None:
+    """Save a converted model to ``output`` (diffusers layout, safetensors).
+
+    A classifier alone is saved as a model folder. A diffusion model becomes a pipeline folder:
+    :class:`ClassifierGuidedPipeline` (with ``classifier``, and the preset's published guidance scale as
+    ``recommended_classifier_scale``) or, for a super-res model, :class:`ADMUpsamplePipeline`; its
+    :class:`ADMScheduler` takes the noise schedule and step count from ``preset`` unless given, and
+    learned variance iff the model has twice as many output as input channels. 1000-class models get
+    the ImageNet class names as ``id2label``."""
+    if isinstance(model, ADMClassifierModel):
+        if classifier is not None:
+            raise ValueError("a classifier cannot bundle another classifier")
+        model.save_pretrained(output, safe_serialization=True)
+        return
+    from .pipelines import ADMUpsamplePipeline, ClassifierGuidedPipeline
+    from .schedulers import ADMScheduler
+
+    settings = PRESETS.get(preset, {}) if preset else {}
+    learned = model.config.out_channels == 2 * model.config.in_channels
+    scheduler = ADMScheduler(
+        num_train_timesteps=diffusion_steps or settings.get("num_train_timesteps", 1000),
+        beta_schedule=noise_schedule or settings.get("beta_schedule", "linear"),
+        variance_type="learned_range" if learned else "fixed_large",
+    )
+    num_classes = model.config.num_classes or (classifier.config.num_classes if classifier is not None else None)
+    id2label = imagenet_labels() if num_classes == NUM_CLASSES else None
+    if isinstance(model, ADMSuperResUNet2DModel):
+        if classifier is not None:
+            raise ValueError("the super-res model is not guided; convert it without --classifier")
+        pipe = ADMUpsamplePipeline(unet=model, scheduler=scheduler, id2label=id2label)
+    else:
+        scale = settings.get("classifier_scale") if classifier is not None else None
+        pipe = ClassifierGuidedPipeline(
+            unet=model, scheduler=scheduler, classifier=classifier, id2label=id2label,
+            recommended_classifier_scale=scale,
+        )  # fmt: skip
+    pipe.save_pretrained(output, safe_serialization=True)

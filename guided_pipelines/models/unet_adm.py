@@ -16,6 +16,7 @@ from .blocks import (
     TimestepEmbedSequential,
     Upsample,
     build_encoder,
+    norm_silu,
     normalization,
     run_block,
     timestep_embedding,
@@ -139,7 +140,8 @@ class ADMUNet2DModel(ADMModelMixin):
         h = run_block(self, self.middle_block, h, emb)
         for block in self.output_blocks:
             h = run_block(self, block, torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+        norm, _, conv = self.out
+        return conv(norm_silu(norm, h))
 
     def forward(
         self,

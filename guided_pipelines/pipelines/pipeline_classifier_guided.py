@@ -194,10 +194,12 @@ class ClassifierGuidedPipeline(DiffusionPipeline):
             labels = [labels]
         if isinstance(labels, torch.Tensor):
             labels = labels.reshape(-1).tolist()
-        lookup = {}
+        lookup: dict[str, list[int]] = {}
         for idx, names in self.id2label.items():
             for name in str(names).split(","):
-                lookup.setdefault(name.strip().lower(), idx)
+                ids_for_name = lookup.setdefault(name.strip().lower(), [])
+                if idx not in ids_for_name:
+                    ids_for_name.append(idx)
         ids = []
         for label in labels:
             if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
@@ -208,7 +210,10 @@ class ClassifierGuidedPipeline(DiffusionPipeline):
                     close = difflib.get_close_matches(key, lookup, n=5)
                     hint = f"; close matches: {', '.join(close)}" if close else ""
                     raise ValueError(f"unknown class name {label!r}{hint}")
-                ids.append(lookup[key])
+                if len(lookup[key]) > 1:
+                    options = "; ".join(f"{i}: {self.id2label[i]}" for i in lookup[key])
+                    raise ValueError(f"class name {label!r} is ambiguous ({options}); pass the id or a longer name")
+                ids.append(lookup[key][0])
             else:
                 ids.append(int(label))
         n = self.num_classes

@@ -99,6 +99,18 @@ def test_label_names_and_synonyms(tiny_pipeline):
         pipe.get_label_ids(["golden retreiver"])
 
 
+def test_ambiguous_imagenet_names_are_rejected(tiny_pipeline):
+    from guided_pipelines.conversion import imagenet_labels
+
+    pipe = tiny_pipeline(num_classes=1000)
+    pipe.register_to_config(id2label=imagenet_labels())
+    assert pipe.get_label_ids(["golden retriever", "giant panda", "toilet tissue"]) == [207, 388, 999]
+    with pytest.raises(ValueError, match="ambiguous.*387.*388|ambiguous.*388.*387"):
+        pipe.get_label_ids(["panda"])
+    with pytest.raises(ValueError, match=r"'Crane' is ambiguous \(134: crane; 517: crane\)"):
+        pipe.get_label_ids(["Crane"])
+
+
 def test_random_labels_for_conditional_model_are_seeded(tiny_pipeline):
     pipe = tiny_pipeline()
     a = pipe(num_images=5, num_inference_steps=2, generator=torch.Generator().manual_seed(3), output_type="latent")
