@@ -92,7 +92,6 @@ def load_or_train_judge(cache: str | None, train_x, train_y, seed: int = 0) -> J
 def sample(pipe, labels: list[int], scale: float, sampler: str, seed: int, batch_size: int) -> np.ndarray:
     """uint8 (N, 32, 32) samples of ``labels`` with one of the samplers ``ddim25``, ``ancestral250``,
     ``dpm++20`` (``ddimK`` / ``ancestralK`` / ``dpm++K`` for other step counts)."""
-    from diffusers import DPMSolverMultistepScheduler
 
     out = []
     adm = pipe.scheduler
@@ -105,9 +104,7 @@ def sample(pipe, labels: list[int], scale: float, sampler: str, seed: int, batch
         elif sampler.startswith("ancestral"):
             res = pipe(respacing=sampler[len("ancestral"):], **kw)
         elif sampler.startswith("dpm++"):
-            pipe.scheduler = DPMSolverMultistepScheduler(
-                num_train_timesteps=len(adm.base_betas), trained_betas=adm.base_betas.tolist(),
-                algorithm_type="dpmsolver++")
+            pipe.scheduler = adm.dpm_solver()
             try:
                 res = pipe(num_inference_steps=int(sampler[len("dpm++"):]), **kw)
             finally:

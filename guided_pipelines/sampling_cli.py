@@ -66,16 +66,9 @@ def label_grid(images, captions, columns: int | None = None, scale: int | None =
 def run(args) -> int:
     pipe = load_pipeline(args.pipeline, args.device)
     if args.scheduler == "dpm++":
-        from diffusers import DPMSolverMultistepScheduler
-
         if args.respacing or args.use_ddim:
             raise ValueError("--respacing/--use-ddim apply to the adm scheduler; with dpm++ use --steps")
-        base = pipe.scheduler.config
-        pipe.scheduler = DPMSolverMultistepScheduler(
-            num_train_timesteps=base.num_train_timesteps,
-            trained_betas=pipe.scheduler.base_betas.tolist(),
-            algorithm_type="dpmsolver++",
-        )
+        pipe.scheduler = pipe.scheduler.dpm_solver()
     labels = args.labels
     if labels is None:
         if pipe.num_classes is None:

@@ -356,5 +356,23 @@ class ADMScheduler(SchedulerMixin, ConfigMixin):
             timesteps = timesteps.expand(original_samples.shape[0])
         return self.train_process.q_sample(original_samples, timesteps, noise)
 
+    def dpm_solver(self, **overrides):
+        """A DPM-Solver++ scheduler (diffusers) on the same betas that, like ADM's sampler, clips x̂_0
+        to [−1, 1] (thresholding with a maximum of 1 is a static clip) and, for the cosine schedule,
+        clips λ_min (ᾱ_T ≈ 0 would blow up the first x̂_0)."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        kwargs = dict(
+            num_train_timesteps=self.config.num_train_timesteps,
+            trained_betas=self.base_betas.tolist(),
+            algorithm_type="dpmsolver++",
+            thresholding=self.config.clip_sample,
+            sample_max_value=1.0,
+        )
+        if self.config.beta_schedule == "cosine":
+            kwargs["lambda_min_clipped"] = -5.1
+        kwargs.update(overrides)
+        return DPMSolverMultistepScheduler(**kwargs)
+
     def __len__(self):
         return self.config.num_train_timesteps

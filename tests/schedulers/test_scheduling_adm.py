@@ -116,3 +116,14 @@ def test_config_round_trip(tmp_path):
     again = ADMScheduler.from_pretrained(tmp_path)
     keys = ("num_train_timesteps", "beta_schedule", "variance_type", "prediction_type", "clip_sample")
     assert {k: again.config[k] for k in keys} == {k: scheduler.config[k] for k in keys}
+
+
+def test_dpm_solver_is_configured_like_adm():
+    cosine = ADMScheduler(beta_schedule="cosine").dpm_solver()
+    assert cosine.config.algorithm_type == "dpmsolver++"
+    assert cosine.config.thresholding and cosine.config.sample_max_value == 1.0
+    assert cosine.config.lambda_min_clipped == -5.1
+    torch.testing.assert_close(cosine.alphas_cumprod.double(), ADMScheduler(beta_schedule="cosine").alphas_cumprod, atol=1e-6, rtol=0)
+    linear = ADMScheduler(clip_sample=False).dpm_solver(solver_order=3)
+    assert not linear.config.thresholding and linear.config.lambda_min_clipped == -float("inf")
+    assert linear.config.solver_order == 3
