@@ -981,17 +981,11 @@ class FIDMonitor:
             try:
                 with accelerator.main_process_first():  # one process downloads the default weights
                     self.extractor = inception.ADMInception(weights)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(str(err).replace("--inception-weights", "--eval_inception_weights")) from err
-            except ValueError:
-                raise
-            except Exception as err:  # noqa: BLE001 - a corrupt file raises pickle/zip errors
-                if weights is None:
-                    raise
-                raise ValueError(
-                    f"--eval_inception_weights {weights!r} cannot be loaded as torch-fidelity's Inception-v3 weights "
-                    f"({type(err).__name__}: {err}); download {inception.INCEPTION_URL}"
-                ) from err
+            except (FileNotFoundError, ValueError) as err:  # missing, corrupt or not Inception weights
+                message = str(err).replace("--inception-weights", "--eval_inception_weights")
+                if "--eval_inception_weights" not in message:
+                    message = f"--eval_inception_weights: {message}"
+                raise type(err)(message) from err
             self.extractor = self.extractor.to(self.device).eval()
             pool_ref, spatial_ref, reader = None, None, None
             if args.eval_reference:

@@ -95,7 +95,7 @@ def test_unreadable_weights_stop_the_run_before_training(tiny_data, tmp_path):
                       check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "train_diffusion.py: error: --eval_inception_weights" in proc.stderr
-    assert "cannot be loaded as torch-fidelity's Inception-v3 weights" in proc.stderr
+    assert "is not a torch-fidelity Inception-v3 state_dict" in proc.stderr
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
 
 
