@@ -12,9 +12,6 @@ from guided_pipelines import ADMClassifierModel, ADMScheduler, ADMUNet2DModel, C
 DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "guided_pipelines", "default_pipeline")
 NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(DEFAULT, "model_index.json")), reason="default pipeline not shipped"
-)
 
 
 @pytest.fixture(scope="module")
