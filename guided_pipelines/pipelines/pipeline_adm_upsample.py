@@ -9,14 +9,13 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils.torch_utils import randn_tensor
 
-from ..schedulers.scheduling_adm import ADMScheduler
 from .pipeline_classifier_guided import (
-    OUTPUT_TYPES,
     ClassifierGuidedPipelineOutput,
+    check_sampling_inputs,
     denoise,
     postprocess,
+    prepare_sampling,
     resolve_pretrained_path,
 )
 
@@ -93,8 +92,7 @@ class ADMUpsamplePipeline(DiffusionPipeline):
     ):
         """High-resolution samples of ``low_res`` (and ``class_labels`` for a class-conditional
         upsampler). Options as :meth:`ClassifierGuidedPipeline.__call__`."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+        check_sampling_inputs(self, output_type, callback_on_step_end_tensor_inputs, eta)
         config = self.unet.config
         device = self._execution_device
         low = low_res_to_tensor(low_res, config.in_channels).to(device)
@@ -117,19 +115,7 @@ class ADMUpsamplePipeline(DiffusionPipeline):
                 raise ValueError(f"class labels must lie in [0, {config.num_classes - 1}]")
         elif class_labels is not None:
             raise ValueError("this upsampler is unconditional: pass class_labels=None")
-        if isinstance(generator, list) and len(generator) != n:
-            raise ValueError(f"got {len(generator)} generators for {n} images; pass one per image")
-        shape = (n, config.in_channels, config.sample_size, config.sample_size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
-        latents = latents.to(device=device, dtype=torch.float32)
-        if isinstance(self.scheduler, ADMScheduler):
-            self.scheduler.set_timesteps(num_inference_steps, device=device, respacing=respacing)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-            latents = latents * self.scheduler.init_noise_sigma
+        latents = prepare_sampling(self, n, generator, latents, num_inference_steps, respacing, use_ddim, device)
 
         def model_fn(x, t):
             return self.unet(self.scheduler.scale_model_input(x, t), t, low, class_labels=labels).sample

@@ -59,6 +59,40 @@ def resolve_pretrained_path(pretrained_model_name_or_path, kwargs: dict) -> str:
     return snapshot_download(path, **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
 
 
+def check_sampling_inputs(pipe: DiffusionPipeline, output_type: str, callback_inputs, eta: float) -> None:
+    """Options every pipeline here validates before any model runs."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+    bad = [k for k in callback_inputs if k not in pipe._callback_tensor_inputs]
+    if bad:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {pipe._callback_tensor_inputs}")
+    if eta < 0:
+        raise ValueError(f"eta must be ≥ 0; got {eta}")
+
+
+def prepare_sampling(pipe, n, generator, latents, num_inference_steps, respacing, use_ddim, device) -> torch.Tensor:
+    """Check the generators and ``latents`` (x_T; drawn when ``None``) for ``n`` images of the unet's
+    size and set the scheduler's timesteps (ADM respacing, or a diffusers solver's step count)."""
+    if isinstance(generator, list) and len(generator) != n:
+        raise ValueError(f"got {len(generator)} generators for {n} images; pass one per image")
+    config = pipe.unet.config
+    shape = (n, config.in_channels, config.sample_size, config.sample_size)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
+    latents = latents.to(device=device, dtype=torch.float32)
+    if isinstance(pipe.scheduler, ADMScheduler):
+        pipe.scheduler.set_timesteps(num_inference_steps, device=device, respacing=respacing)
+        return latents
+    if respacing is not None or use_ddim:
+        raise ValueError(
+            f"respacing/use_ddim apply to ADMScheduler; {type(pipe.scheduler).__name__} takes num_inference_steps only"
+        )
+    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+    return latents * pipe.scheduler.init_noise_sigma
+
+
 def denoise(
     pipe: DiffusionPipeline,
     latents: torch.Tensor,
@@ -283,11 +317,7 @@ class ClassifierGuidedPipeline(DiffusionPipeline):
         x_T; ``step_noise`` the noise of every step — a tensor (steps, N, C, H, W) or a callable
         ``(i, t) -> tensor`` — to reproduce a trajectory exactly. ``output_type``: "pil", "np",
         "pt" (images in [0, 1]) or "latent" (model space, [-1, 1])."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
-        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
+        check_sampling_inputs(self, output_type, callback_on_step_end_tensor_inputs, eta)
         if classifier_scale is None or classifier_scale < 0:
             raise ValueError(f"classifier_scale must be ≥ 0; got {classifier_scale}")
         if classifier_scale > 0 and self.classifier is None:
@@ -295,31 +325,12 @@ class ClassifierGuidedPipeline(DiffusionPipeline):
                 f"classifier_scale={classifier_scale} needs a classifier, and this pipeline has none; "
                 "pass classifier_scale=0 or load a pipeline with a classifier"
             )
-        if eta < 0:
-            raise ValueError(f"eta must be ≥ 0; got {eta}")
         self._check_components()
         device = self._execution_device
         if latents is not None and num_images is None and class_labels is None:
             num_images = latents.shape[0]
         labels, n = self._prepare_labels(class_labels, num_images, generator, device)
-        if isinstance(generator, list) and len(generator) != n:
-            raise ValueError(f"got {len(generator)} generators for {n} images; pass one per image")
-        shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
-        latents = latents.to(device=device, dtype=torch.float32)
-
-        if isinstance(self.scheduler, ADMScheduler):
-            self.scheduler.set_timesteps(num_inference_steps, device=device, respacing=respacing)
-        else:
-            if respacing is not None or use_ddim:
-                raise ValueError(
-                    f"respacing/use_ddim apply to ADMScheduler; {type(self.scheduler).__name__} takes num_inference_steps only"
-                )
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-            latents = latents * self.scheduler.init_noise_sigma
+        latents = prepare_sampling(self, n, generator, latents, num_inference_steps, respacing, use_ddim, device)
 
         unet_labels = labels if self.unet.config.num_classes is not None else None
 
