@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -131,26 +130,15 @@ class Validator:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
 
     from guided_pipelines.losses import UniformSampler
     from guided_pipelines.schedulers import ADMScheduler
 
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
-    )
-    tu.setup_logging(accelerator)
+    accelerator = tu.make_accelerator(args)
     local_batch, micro = tu.split_batch(args, accelerator.num_processes)
     W, rank = accelerator.num_processes, accelerator.process_index
 
-    set_seed(args.seed)
-    kind, kwargs, _ = tu.resolve_model_spec(args, ("classifier",))
-    with accelerator.main_process_first():  # one process downloads/prepares, the others reuse the cache
-        dataset, size, channels = tu.resolve_classes(kind, kwargs, args, accelerator)
-    model = tu.instantiate(kind, kwargs, args.init_weights)
+    _, model, _, dataset, size, channels = tu.build_model_and_data(args, accelerator, ("classifier",))
     num_classes = model.config.num_classes
     scheduler = ADMScheduler(
         num_train_timesteps=args.num_train_timesteps or 1000, beta_schedule=args.beta_schedule or "linear"
@@ -185,10 +173,7 @@ def main(argv=None) -> int:
                     sum(p.numel() for p in model.parameters()) / 1e6, num_classes, scheduler.config.beta_schedule,
                     t_max if args.noised else 1)
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-        weight_decay=args.weight_decay,
-    )
+    optimizer = tu.make_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     sampler = UniformSampler(t_max)
@@ -196,11 +181,7 @@ def main(argv=None) -> int:
     accelerator.register_for_checkpointing(state)
 
     ckpt = tu.CheckpointManager(args.output_dir, args.checkpoints_total_limit)
-    resume_path = ckpt.resolve(args.resume_from_checkpoint)
-    if resume_path:
-        accelerator.load_state(resume_path)
-        tu.check_resume_compatible(state, args, W)
-        logger.info("resumed from %s at step %d", resume_path, state.step)
+    resume_path = tu.resume_from_checkpoint(accelerator, ckpt, state, args, W)
     state.world_size, state.global_batch = W, args.batch_size
     max_steps = args.max_train_steps if args.max_train_steps is not None else math.inf
 
@@ -210,10 +191,7 @@ def main(argv=None) -> int:
     batches = iter(tu.make_train_loader(dataset, args, accelerator, local_batch, state.step, state.stream_positions))
     device = accelerator.device
     scaler_on = getattr(accelerator, "scaler", None) is not None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=None if math.isinf(max_steps) else max_steps, initial=state.step,
-               disable=not accelerator.is_local_main_process, desc="train classifier", dynamic_ncols=True)
+    bar = tu.progress_bar(accelerator, max_steps, state.step, "train classifier")
     clock = tu.Throughput()
     sl = slice(rank * local_batch, (rank + 1) * local_batch)
     due = False
@@ -233,14 +211,13 @@ def main(argv=None) -> int:
         labels = batch["label"].to(device)
         if args.noised:
             x = scheduler.add_noise(x, noise_all[sl], t)
-        lr = tu.lr_at(step, args.lr, args.lr_anneal_steps, state.lr_scale)
-        tu.set_lr(optimizer, lr)
+        lr = tu.set_step_lr(optimizer, step, args, state)
         inject_nan = faults.nan_now(step)
 
         rows = []
         for i in range(0, local_batch, micro):
             last = i + micro >= local_batch
-            with nullcontext() if last or W == 1 else accelerator.no_sync(model):
+            with tu.microbatch_sync(accelerator, model, last):
                 logits = model(x[i : i + micro], t[i : i + micro]).float()
                 losses = F.cross_entropy(logits, labels[i : i + micro], reduction="none")
                 loss = losses.sum() / local_batch
@@ -256,24 +233,8 @@ def main(argv=None) -> int:
         skipped = int(accelerator.gather(batch["skipped"].sum().reshape(1).to(device)).sum())
         loss_ok = bool(torch.isfinite(gathered[:, 0]).all())
         grad_ok = bool(torch.isfinite(grad_norm))
-        if scaler_on:
-            optimizer.step()
-            applied = not optimizer.step_was_skipped and loss_ok
-            bad = not loss_ok
-        else:
-            applied = loss_ok and grad_ok
-            bad = not applied
-            if applied:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.images_seen += args.batch_size
-        state.skipped_images += skipped
-        if "worker" in batch:
-            state.stream_positions = dict(state.stream_positions)
-            state.stream_positions[int(batch["worker"][-1])] = int(batch["index"].max())
-        state.bad_steps += int(bad)
-        state.consecutive_bad = state.consecutive_bad + 1 if bad else 0
+        applied, bad = tu.optimizer_step(optimizer, scaler_on, loss_ok, grad_ok)
+        tu.advance_state(state, args, batch, skipped, bad)
         speed = clock.tick(args.batch_size)
         bar.update(1)
 
@@ -281,20 +242,12 @@ def main(argv=None) -> int:
             values = tu.quartile_means(
                 {"loss": gathered[:, 0], "acc@1": gathered[:, 1], "acc@5": gathered[:, 2]}, t_all, T, prefix=""
             )
-            values.update(grad_norm=float(grad_norm), lr=lr, images_per_sec=speed, skipped_images=state.skipped_images,
-                          bad_steps=state.bad_steps, step_applied=applied)
-            metrics.log(values, state.step)
+            metrics.log(tu.step_log_values(values, grad_norm, lr, speed, state, applied), state.step)
             bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['acc@1']:.3f}")
         if bad:
-            logger.warning("step %d skipped: %s (consecutive: %d/%d)", state.step,
-                           "non-finite loss" if not loss_ok else "non-finite gradient", state.consecutive_bad,
-                           args.max_bad_steps)
+            tu.warn_bad_step(state, loss_ok, args)
         if state.consecutive_bad >= args.max_bad_steps:
-            tu.restore_after_bad_steps(accelerator, ckpt, state, args)
-            metrics.truncate(state.step)
-            metrics.log({"event": "restore", "lr_scale": state.lr_scale, "restores": state.restores}, state.step, tb=False)
-            batches = iter(tu.make_train_loader(dataset, args, accelerator, local_batch, state.step, state.stream_positions))
-            bar.n = state.step
+            batches = tu.recover_from_bad_steps(accelerator, ckpt, state, args, metrics, bar, dataset, local_batch)
             continue
 
         if validator is not None and (
@@ -306,13 +259,7 @@ def main(argv=None) -> int:
                 logger.info("step %d: val loss %.4f, acc@1 %.4f, acc@5 %.4f", state.step, values["val_loss"],
                             values["val_acc@1"], values["val_acc@5"])
 
-        due = due or state.step % args.checkpointing_steps == 0
-        if due and state.consecutive_bad and state.step != max_steps:
-            pass  # never checkpoint inside a run of bad steps
-        elif due or state.step == max_steps:
-            due = False
-            path = ckpt.save(accelerator, state.step, {"training_args.json": json.dumps(_jsonable(args), indent=2)})
-            logger.info("saved %s", path)
+        due = tu.checkpoint_if_due(accelerator, ckpt, state, args, max_steps, due)
         faults.after_step(state.step)
     bar.close()
 
@@ -331,13 +278,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def _jsonable(args) -> dict:
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
-
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"train_classifier.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    tu.run_script(main, "train_classifier.py")

@@ -14,12 +14,10 @@ loadable with ``ClassifierGuidedPipeline.from_pretrained``. Run with ``--help`` 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -91,25 +89,14 @@ def build_scheduler(args, unet, preset_info: dict):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
 
     from guided_pipelines.losses import LossSecondMomentResampler, UniformSampler, diffusion_training_losses
 
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
-    )
-    tu.setup_logging(accelerator)
+    accelerator = tu.make_accelerator(args)
     local_batch, micro = tu.split_batch(args, accelerator.num_processes)
     W, rank = accelerator.num_processes, accelerator.process_index
 
-    set_seed(args.seed)  # the initial weights (identical on every process)
-    kind, kwargs, preset_info = tu.resolve_model_spec(args, MODEL_KINDS)
-    with accelerator.main_process_first():  # one process downloads/prepares, the others reuse the cache
-        dataset, size, channels = tu.resolve_classes(kind, kwargs, args, accelerator)
-    model = tu.instantiate(kind, kwargs, args.init_weights)
+    kind, model, preset_info, dataset, size, channels = tu.build_model_and_data(args, accelerator, MODEL_KINDS)
     scheduler = build_scheduler(args, model, preset_info)
     superres = kind == "superres"
     low_res_size = args.low_res_size or (model.config.low_res_size if superres else None)
@@ -126,10 +113,7 @@ def main(argv=None) -> int:
         logger.info("%s with %.1fM parameters, %s variance, %s schedule, %d steps", type(model).__name__, n_params / 1e6,
                     scheduler.config.variance_type, scheduler.config.beta_schedule, scheduler.config.num_train_timesteps)
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-        weight_decay=args.weight_decay,
-    )
+    optimizer = tu.make_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = tu.EMA(unwrapped, args.ema_rates)
@@ -140,12 +124,8 @@ def main(argv=None) -> int:
         accelerator.register_for_checkpointing(obj)
 
     ckpt = tu.CheckpointManager(args.output_dir, args.checkpoints_total_limit)
-    resume_path = ckpt.resolve(args.resume_from_checkpoint)
-    if resume_path:
-        accelerator.load_state(resume_path)
-        tu.check_resume_compatible(state, args, W)
-        logger.info("resumed from %s at step %d", resume_path, state.step)
-    elif args.resume_from_checkpoint:
+    resume_path = tu.resume_from_checkpoint(accelerator, ckpt, state, args, W)
+    if not resume_path and args.resume_from_checkpoint:
         logger.info("no checkpoint in %s yet: starting from scratch", ckpt.root)
     state.world_size, state.global_batch = W, args.batch_size
     max_steps = args.max_train_steps if args.max_train_steps is not None else math.inf
@@ -157,10 +137,7 @@ def main(argv=None) -> int:
     batches = iter(loader)
     device = accelerator.device
     scaler_on = getattr(accelerator, "scaler", None) is not None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=None if math.isinf(max_steps) else max_steps, initial=state.step,
-               disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
+    bar = tu.progress_bar(accelerator, max_steps, state.step, "train")
     clock = tu.Throughput()
     sl = slice(rank * local_batch, (rank + 1) * local_batch)
     due = False  # a checkpoint postponed by a run of bad steps
@@ -176,14 +153,13 @@ def main(argv=None) -> int:
         x = batch["image"].to(device)
         y = batch["label"].to(device) if class_cond else None
         low_res = F.interpolate(x, size=(low_res_size, low_res_size), mode="area") if superres else None
-        lr = tu.lr_at(step, args.lr, args.lr_anneal_steps, state.lr_scale)
-        tu.set_lr(optimizer, lr)
+        lr = tu.set_step_lr(optimizer, step, args, state)
         inject_nan = faults.nan_now(step)
 
         terms = {"loss": [], "mse": [], "vb": []}
         for i in range(0, local_batch, micro):
             last = i + micro >= local_batch
-            with nullcontext() if last or W == 1 else accelerator.no_sync(model):
+            with tu.microbatch_sync(accelerator, model, last):
                 out = diffusion_training_losses(
                     model, scheduler, x[i : i + micro], t_loc[i : i + micro], noise=noise[i : i + micro],
                     class_labels=None if y is None else y[i : i + micro],
@@ -205,28 +181,11 @@ def main(argv=None) -> int:
         all_loss = gathered[:, 0]
         loss_ok = bool(torch.isfinite(all_loss).all())
         grad_ok = bool(torch.isfinite(grad_norm))
-        if scaler_on:
-            # fp16: the GradScaler skips overflowing steps and lowers the scale by itself.
-            optimizer.step()
-            applied = not optimizer.step_was_skipped and loss_ok
-            bad = not loss_ok
-        else:
-            applied = loss_ok and grad_ok
-            bad = not applied
-            if applied:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        applied, bad = tu.optimizer_step(optimizer, scaler_on, loss_ok, grad_ok)
         if applied:
             ema.update(unwrapped)
             sampler.update_with_all_losses(t_all, all_loss)
-        state.step += 1
-        state.images_seen += args.batch_size
-        state.skipped_images += skipped
-        if "worker" in batch:
-            state.stream_positions = dict(state.stream_positions)
-            state.stream_positions[int(batch["worker"][-1])] = int(batch["index"].max())
-        state.bad_steps += int(bad)
-        state.consecutive_bad = state.consecutive_bad + 1 if bad else 0
+        tu.advance_state(state, args, batch, skipped, bad)
         speed = clock.tick(args.batch_size)
         bar.update(1)
 
@@ -235,23 +194,15 @@ def main(argv=None) -> int:
                 {"loss": all_loss, "mse": gathered[:, 1], "vb": gathered[:, 2]}, t_all, T, prefix=""
             )
             values["loss"] = float((all_loss.double() * gathered[:, 3].double()).mean())  # importance-weighted
-            values.update(grad_norm=float(grad_norm), lr=lr, images_per_sec=speed, skipped_images=state.skipped_images,
-                          bad_steps=state.bad_steps, step_applied=applied)
-            metrics.log(values, state.step)
+            metrics.log(tu.step_log_values(values, grad_norm, lr, speed, state, applied), state.step)
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
         if bad:
-            logger.warning("step %d skipped: %s (consecutive: %d/%d)", state.step,
-                           "non-finite loss" if not loss_ok else "non-finite gradient", state.consecutive_bad,
-                           args.max_bad_steps)
+            tu.warn_bad_step(state, loss_ok, args)
         if skipped:
             logger.warning("%d unreadable images skipped so far", state.skipped_images)
 
         if state.consecutive_bad >= args.max_bad_steps:
-            tu.restore_after_bad_steps(accelerator, ckpt, state, args)
-            metrics.truncate(state.step)
-            metrics.log({"event": "restore", "lr_scale": state.lr_scale, "restores": state.restores}, state.step, tb=False)
-            batches = iter(tu.make_train_loader(dataset, args, accelerator, local_batch, state.step, state.stream_positions))
-            bar.n = state.step
+            batches = tu.recover_from_bad_steps(accelerator, ckpt, state, args, metrics, bar, dataset, local_batch)
             continue
 
         if monitor is not None and (state.step % args.eval_every == 0 or state.step == max_steps):
@@ -262,13 +213,7 @@ def main(argv=None) -> int:
                         values["eval/sfid"], values["eval/num_samples"], args.eval_respacing, values["eval/seconds"])
             clock.tick(0)  # the evaluation time does not count against images/s
 
-        due = due or state.step % args.checkpointing_steps == 0
-        if due and state.consecutive_bad and state.step != max_steps:
-            pass  # never checkpoint inside a run of bad steps: a restore must go back before it
-        elif due or state.step == max_steps:
-            due = False
-            path = ckpt.save(accelerator, state.step, {"training_args.json": json.dumps(_jsonable(args), indent=2)})
-            logger.info("saved %s", path)
+        due = tu.checkpoint_if_due(accelerator, ckpt, state, args, max_steps, due)
         faults.after_step(state.step)
     bar.close()
 
@@ -292,13 +237,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def _jsonable(args) -> dict:
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
-
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"train_diffusion.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    tu.run_script(main, "train_diffusion.py")

@@ -18,6 +18,7 @@ single-process run with the same global batch):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import difflib
 import json
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 
 import numpy as np
@@ -596,6 +598,152 @@ def check_resume_compatible(state: TrainState, args, world_size: int) -> None:
             "the checkpoint was trained with --batch_size %s, this run uses %s: the data order changes",
             state.global_batch, args.batch_size,
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop's shared steps (train_diffusion.py, train_classifier.py)
+
+
+def make_accelerator(args):
+    """The run's Accelerator (project and ``logs`` folder under ``--output_dir``), with logging set up."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+    )
+    setup_logging(accelerator)
+    return accelerator
+
+
+def build_model_and_data(args, accelerator, kinds) -> tuple[str, torch.nn.Module, dict, object, int, int]:
+    """Seed the initial weights (identical on every process), then resolve the model and its training data;
+    returns (kind, model, preset_info, dataset, size, channels)."""
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
+    kind, kwargs, preset_info = resolve_model_spec(args, kinds)
+    with accelerator.main_process_first():  # one process downloads/prepares, the others reuse the cache
+        dataset, size, channels = resolve_classes(kind, kwargs, args, accelerator)
+    model = instantiate(kind, kwargs, args.init_weights)
+    return kind, model, preset_info, dataset, size, channels
+
+
+def run_script(main, name: str) -> None:
+    """``sys.exit(main())``, with the usage errors of a run printed as ``NAME: error: …`` (exit status 1)."""
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def make_optimizer(model, args) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
+
+
+def resume_from_checkpoint(accelerator, ckpt: CheckpointManager, state: TrainState, args, world_size: int):
+    """Load the checkpoint ``--resume_from_checkpoint`` names, if there is one; returns its path (or a falsy value)."""
+    resume_path = ckpt.resolve(args.resume_from_checkpoint)
+    if resume_path:
+        accelerator.load_state(resume_path)
+        check_resume_compatible(state, args, world_size)
+        logger.info("resumed from %s at step %d", resume_path, state.step)
+    return resume_path
+
+
+def progress_bar(accelerator, max_steps: float, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=None if math.isinf(max_steps) else max_steps, initial=initial,
+                disable=not accelerator.is_local_main_process, desc=desc, dynamic_ncols=True)
+
+
+def set_step_lr(optimizer, step: int, args, state: TrainState) -> float:
+    """Set and return the learning rate of ``step`` (linear anneal, times the restore scale)."""
+    lr = lr_at(step, args.lr, args.lr_anneal_steps, state.lr_scale)
+    set_lr(optimizer, lr)
+    return lr
+
+
+def microbatch_sync(accelerator, model, last: bool):
+    """Gradient sync only on the last microbatch of a step (always, on one process)."""
+    return contextlib.nullcontext() if last or accelerator.num_processes == 1 else accelerator.no_sync(model)
+
+
+def optimizer_step(optimizer, scaler_on: bool, loss_ok: bool, grad_ok: bool) -> tuple[bool, bool]:
+    """Step unless the loss or gradient is non-finite, then zero the gradients; returns (applied, bad)."""
+    if scaler_on:
+        # fp16: the GradScaler skips overflowing steps and lowers the scale by itself.
+        optimizer.step()
+        applied = not optimizer.step_was_skipped and loss_ok
+        bad = not loss_ok
+    else:
+        applied = loss_ok and grad_ok
+        bad = not applied
+        if applied:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return applied, bad
+
+
+def advance_state(state: TrainState, args, batch: dict, skipped: int, bad: bool) -> None:
+    """Count a finished step: step, images, skipped images, stream positions, bad-step counters."""
+    state.step += 1
+    state.images_seen += args.batch_size
+    state.skipped_images += skipped
+    if "worker" in batch:
+        state.stream_positions = dict(state.stream_positions)
+        state.stream_positions[int(batch["worker"][-1])] = int(batch["index"].max())
+    state.bad_steps += int(bad)
+    state.consecutive_bad = state.consecutive_bad + 1 if bad else 0
+
+
+def step_log_values(values: dict, grad_norm, lr: float, speed: float, state: TrainState, applied: bool) -> dict:
+    """Add the per-step bookkeeping to the logged ``values`` (in place) and return them."""
+    values.update(grad_norm=float(grad_norm), lr=lr, images_per_sec=speed, skipped_images=state.skipped_images,
+                  bad_steps=state.bad_steps, step_applied=applied)
+    return values
+
+
+def warn_bad_step(state: TrainState, loss_ok: bool, args) -> None:
+    logger.warning("step %d skipped: %s (consecutive: %d/%d)", state.step,
+                   "non-finite loss" if not loss_ok else "non-finite gradient", state.consecutive_bad,
+                   args.max_bad_steps)
+
+
+def recover_from_bad_steps(accelerator, ckpt: CheckpointManager, state: TrainState, args, metrics: Metrics, bar,
+                           dataset, local_batch: int):
+    """:func:`restore_after_bad_steps`, then rewind the metrics and progress bar; returns the restarted batch iterator."""
+    restore_after_bad_steps(accelerator, ckpt, state, args)
+    metrics.truncate(state.step)
+    metrics.log({"event": "restore", "lr_scale": state.lr_scale, "restores": state.restores}, state.step, tb=False)
+    batches = iter(make_train_loader(dataset, args, accelerator, local_batch, state.step, state.stream_positions))
+    bar.n = state.step
+    return batches
+
+
+def jsonable_args(args) -> dict:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
+
+
+def checkpoint_if_due(accelerator, ckpt: CheckpointManager, state: TrainState, args, max_steps: float,
+                      due: bool) -> bool:
+    """Save a checkpoint every ``--checkpointing_steps`` and at the last step; returns whether one is still due
+    (postponed by a run of bad steps)."""
+    due = due or state.step % args.checkpointing_steps == 0
+    if due and state.consecutive_bad and state.step != max_steps:
+        pass  # never checkpoint inside a run of bad steps: a restore must go back before it
+    elif due or state.step == max_steps:
+        due = False
+        path = ckpt.save(accelerator, state.step, {"training_args.json": json.dumps(jsonable_args(args), indent=2)})
+        logger.info("saved %s", path)
+    return due
 
 
 # --------------------------------------------------------------------------------------------------
