@@ -288,6 +288,21 @@ class _ColumnsMixin:
             hf = hf.cast_column(self.image_column, datasets.Image(decode=False))
         return hf
 
+    def _setup_common(self, hf_dataset, image_size, class_cond, random_crop, random_flip, num_channels, seed,
+                      image_column, label_column, num_classes, class_names):  # fmt: skip
+        """Columns, classes and preprocessing options shared by the map-style and streaming datasets."""
+        self.hf = self._setup_columns(hf_dataset, image_column, label_column, class_cond)
+        if class_names is not None:
+            self.class_names, self.num_classes = list(class_names), len(class_names)
+        if num_classes is not None:
+            self.num_classes = num_classes
+        self.image_size = image_size
+        self.class_cond = class_cond
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.num_channels = num_channels
+        self.seed = seed
+
     def _label(self, example) -> int:
         if self.label_column is None:
             return -1
@@ -318,20 +333,11 @@ class ImageDataset(torch.utils.data.Dataset, _ColumnsMixin):
     ):
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        self.hf = self._setup_columns(hf_dataset, image_column, label_column, class_cond)
-        if class_names is not None:
-            self.class_names, self.num_classes = list(class_names), len(class_names)
-        if num_classes is not None:
-            self.num_classes = num_classes
+        self._setup_common(hf_dataset, image_size, class_cond, random_crop, random_flip, num_channels, seed,
+                           image_column, label_column, num_classes, class_names)  # fmt: skip
         if class_cond and self.num_classes is None and len(self.hf):
             labels = self.hf[self.label_column]
             self.num_classes = int(max(labels)) + 1
-        self.image_size = image_size
-        self.class_cond = class_cond
-        self.random_crop = random_crop
-        self.random_flip = random_flip
-        self.num_channels = num_channels
-        self.seed = seed
         self.epoch = 0
         self.num_skipped = 0  # in this process (and worker); the per-sample "skipped" field is global
         if len(self.hf) == 0:
@@ -404,17 +410,8 @@ class StreamingImageDataset(torch.utils.data.IterableDataset, _ColumnsMixin):
         class_names: list | None = None,
         repeat: bool = True,
     ):
-        self.hf = self._setup_columns(hf_dataset, image_column, label_column, class_cond)
-        if class_names is not None:
-            self.class_names, self.num_classes = list(class_names), len(class_names)
-        if num_classes is not None:
-            self.num_classes = num_classes
-        self.image_size = image_size
-        self.class_cond = class_cond
-        self.random_crop = random_crop
-        self.random_flip = random_flip
-        self.num_channels = num_channels
-        self.seed = seed
+        self._setup_common(hf_dataset, image_size, class_cond, random_crop, random_flip, num_channels, seed,
+                           image_column, label_column, num_classes, class_names)  # fmt: skip
         self.rank = rank
         self.world_size = world_size
         self.shuffle_buffer_size = shuffle_buffer_size
